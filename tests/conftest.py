@@ -8,6 +8,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
+from zfixtures import *  # noqa: E402,F401,F403  (shared storage fixtures: ZEO, PostgreSQL, writers)
+
 TESTDATA = os.path.join(os.path.dirname(os.path.dirname(TESTS_DIR)), "shared", "testdata")
 
 

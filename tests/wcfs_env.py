@@ -161,9 +161,12 @@ class WcfsProc:
             self._log.close()
 
 
-def read_file(path: str, off: int = 0, size: int | None = None) -> bytes:
+def read_file(path: str, off: int = 0, size: int | None = None, readahead: bool = True) -> bytes:
+    """pread a range; readahead=False reads exactly the range (the kernel reads no more)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        if not readahead:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         if size is None:
             size = os.fstat(fd).st_size - off
         out = bytearray()

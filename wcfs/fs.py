@@ -176,7 +176,8 @@ class WCFS(_fuse.Operations):
         self.debug = debug
         self.session: _fuse.Session | None = None
         self.reader = ZReader(zstor.load_before)
-        self.head = u64(zstor.head)
+        self.head = u64(zstor.head)          # loads happen at this state (changes under the head lock)
+        self.head_visible = self.head        # head/at: no older data is left in head caches
         self.history = History(self.reader, self.head)
         self.eio_reason: str | None = None
 
@@ -269,7 +270,7 @@ class WCFS(_fuse.Operations):
 
     def _small_content(self, ino: int) -> bytes:
         if ino == HEAD_AT:
-            return hex16(self.head).encode()
+            return hex16(self.head_visible).encode()
         if ino == ZURL:
             return self.zurl.encode()
         if ino == PINTIMEOUT:
@@ -817,7 +818,7 @@ class WCFS(_fuse.Operations):
 
     def _wait_head(self, link: WatchLink, at: int) -> None:
         with self._head_cond:
-            while self.head < at:
+            while self.head_visible < at:
                 if link.down:
                     raise FsError(errno.ECONNRESET, "link is down")
                 self._head_cond.wait(0.5)
@@ -995,41 +996,71 @@ class WCFS(_fuse.Operations):
                 self._upload_cond.wait_for(lambda: self._uploads_inflight == 0, timeout=0.1)
 
     def _apply_commit(self, tid: int, oids) -> None:
+        """Switch the head to ``tid`` (WCFS.md §3.3, with the ordering explained here).
+
+        Phase 1, head lock exclusive and uploads paused: find the changed
+        blocks, capture their old content (loading table or page cache:
+        retrieve does not lock pages) and switch the internal head, so that
+        every read from now on loads the new data.
+
+        Phase 2, lock released, uploads still paused: store the captured old
+        content into @rev caches (opening @rev files needs FUSE workers, which
+        may all be parked on the head lock in phase 1) and drop the changed
+        ranges from the head files' page cache.  This must not run under the head
+        lock: the kernel waits for pages locked by READs in flight, and their
+        handlers wait for the head lock.  A READ racing with phase 2 returns
+        new data, or old data that the invalidation then drops.
+
+        Only then ``head/at`` (``head_visible``) advances and watch setups
+        waiting for it proceed: nothing older than it is left in head caches.
+        """
+        invals: list[tuple[BigFile, int]] = []
+        keep: list[tuple[BigFile, int, int, bytes | memoryview]] = []   # old data to put into @rev caches
+        sized: list[BigFile] = []
         self._pause_uploads()
         try:
-            old_head = self.head
-            self.reader.nodes.invalidate(oids, tid)
-            deltas = self.history.update(tid, oids)
-            with self._tab_mu:
-                files = {f.zoid: f for f in self._headv.files.values()}
-            for foid, d in deltas.items():
-                f = files.get(foid)
-                if f is None:
-                    continue
-                if d.epoch:
-                    self._check_epoch(f, tid)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("@%s: %s: changed blocks %s%s", hex16(tid), self._fpath(f),
-                              sorted(d.blocks), " (size may change)" if d.size_changed else "")
-                for blk in sorted(d.blocks):
-                    self._invalidate_block(f, blk, old_head)
-            for foid, d in deltas.items():
-                f = files.get(foid)
-                if f is not None and d.size_changed:
-                    maxkey, path = self.reader.maxkey(f.root, tid)
-                    f.size = self._size(f.blksize, maxkey, hex16(f.oid))
-                    self.history.track_path(foid, path)
-                    self._inval_attr(f)
-                if f is not None:
+            try:
+                old_head = self.head
+                self.reader.nodes.invalidate(oids, tid)
+                deltas = self.history.update(tid, oids)
+                with self._tab_mu:
+                    files = {f.zoid: f for f in self._headv.files.values()}
+                for foid, d in deltas.items():
+                    f = files.get(foid)
+                    if f is None:
+                        continue
+                    if d.epoch:
+                        self._check_epoch(f, tid)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("@%s: %s: changed blocks %s%s", hex16(tid), self._fpath(f),
+                                  sorted(d.blocks), " (size may change)" if d.size_changed else "")
+                    for blk in sorted(d.blocks):
+                        old = self._old_block(f, blk, old_head)
+                        if old is not None:
+                            keep.append((f, blk) + old)
+                        invals.append((f, blk))
+                    if d.size_changed:
+                        maxkey, path = self.reader.maxkey(f.root, tid)
+                        f.size = self._size(f.blksize, maxkey, hex16(f.oid))
+                        self.history.track_path(foid, path)
+                        sized.append(f)
                     f.rev_approx = tid
-            with self._head_cond:
                 self.head = tid
+            finally:
+                self._head_lock.release_exclusive()
+            for f, blk, rev, data in keep:
+                self._preserve(f, blk, rev, data)
+            for f, blk in invals:
+                self._inval_block(f, blk)
+            for f in sized:
+                self._inval_attr(f)
+            with self._head_cond:
+                self.head_visible = tid
                 self._head_cond.notify_all()
             self._forget_history()
         finally:
             with self._upload_cond:
                 self._upload_paused = False
-            self._head_lock.release_exclusive()
 
     def _check_epoch(self, f: BigFile, tid: int) -> None:
         try:
@@ -1040,43 +1071,46 @@ class WCFS(_fuse.Operations):
             raise RuntimeError(f"ZBigFile {hex16(f.oid)} changed @{hex16(tid)} "
                                f"(blksize/blktab {f.blksize}/{f.root.hex()} -> {state})")
 
-    def _invalidate_block(self, f: BigFile, blk: int, old_head: int) -> None:
-        """Preserve a changed block's old content into @rev's cache, then drop it from head's."""
+    def _old_block(self, f: BigFile, blk: int, old_head: int) -> tuple[int, bytes | memoryview] | None:
+        """(rev, data) of a changed block as of the old head, if it is at hand (else None)."""
         bs = f.blksize
         old = None
         with f.mu:
             e = f.loading.pop(blk, None)
         if e is not None and e.ready.is_set() and e.error is None:
             old = e.data
-        elif blk * bs < f.size:
+        elif (blk + 1) * bs <= f.size:
             old = self._retrieve(f.ino, blk * bs, bs)
-        if old is not None:
-            try:
-                rev, _ = self.history.blk_rev_at(f.zoid, blk, old_head) if self.history.tail <= old_head \
-                    else (old_head, False)
-                self._preserve(f, blk, rev, old)
-            except Exception as exc:
-                log.warning("%s: block #%d: could not preserve old data in @rev cache "
-                            "(reading @revX/bigfile will be slow): %s", self._fpath(f), blk, exc)
+        if old is None:
+            return None
+        rev, _ = self.history.blk_rev_at(f.zoid, blk, old_head)
+        return rev, old
+
+    def _inval_block(self, f: BigFile, blk: int) -> None:
         try:
-            self.session.notify_inval_inode(f.ino, blk * bs, bs)
+            self.session.notify_inval_inode(f.ino, blk * f.blksize, f.blksize)
         except OSError as exc:
-            if exc.errno != errno.ENOENT:
+            if exc.errno != errno.ENOENT:         # ENOENT: the kernel forgot the inode, nothing cached
                 raise RuntimeError(f"{self._fpath(f)}: invalidate block #{blk}: {exc}") from exc
 
     def _preserve(self, f: BigFile, blk: int, rev: int, data) -> None:
+        """Put old block data into the page cache of @<rev>/bigfile/<oid> (best effort)."""
         path = os.path.join(self.mountpoint, f"@{hex16(rev)}", "bigfile", hex16(f.oid))
-        fd = os.open(path, os.O_RDONLY)       # makes the kernel know the inode; we are not a FUSE handler
         try:
-            with self._tab_mu:
-                view = self._revs.get(rev)
-                rf = view.files.get(f.oid) if view is not None else None
-            if rf is None:
-                raise RuntimeError(f"@{hex16(rev)}/bigfile/{hex16(f.oid)} vanished")
-            if (blk + 1) * f.blksize <= rf.size:
-                self._store_block(rf.ino, blk * f.blksize, data, f.blksize)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_RDONLY)   # makes the kernel know the inode; we are not a FUSE handler
+            try:
+                with self._tab_mu:
+                    view = self._revs.get(rev)
+                    rf = view.files.get(f.oid) if view is not None else None
+                if rf is None:
+                    raise RuntimeError(f"@{hex16(rev)}/bigfile/{hex16(f.oid)} vanished")
+                if (blk + 1) * f.blksize <= rf.size:
+                    self._store_block(rf.ino, blk * f.blksize, data, f.blksize)
+            finally:
+                os.close(fd)
+        except Exception as exc:
+            log.warning("%s: block #%d: could not preserve old data in @%s cache "
+                        "(reading @revX/bigfile will be slow): %s", self._fpath(f), blk, hex16(rev), exc)
 
     def _inval_attr(self, f: BigFile) -> None:
         try:

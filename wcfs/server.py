@@ -59,6 +59,16 @@ def raise_readahead(mountpoint: str, kb: int = 2048) -> None:
         log.info("could not raise readahead (%s): %s", path, exc)
 
 
+def abort_connection(dev: int) -> None:
+    path = f"/sys/fs/fuse/connections/{os.minor(dev)}/abort"
+    try:
+        with open(path, "w") as f:
+            f.write("1\n")
+        log.info("aborted FUSE connection %s", path)
+    except OSError as exc:
+        log.warning("could not abort FUSE connection (%s): %s", path, exc)
+
+
 def serve(zurl: str, mountpoint: str, *, pin_timeout: float = 30.0, debug: bool = False,
           allow_other: bool = False) -> int:
     import zbigarray
@@ -72,7 +82,9 @@ def serve(zurl: str, mountpoint: str, *, pin_timeout: float = 30.0, debug: bool 
     fs = WCFS(zstor, zurl, mountpoint, pin_timeout=pin_timeout, debug=debug)
     options = [f"fsname={escape_mount_option(zurl)}", "subtype=wcfs", "default_permissions",
                "auto_unmount"] + (["allow_other"] if allow_other else [])
-    session = _fuse.Session(fs, mountpoint, options)
+    # Plenty of workers: reads may park on the head lock while a commit is applied,
+    # and the kernel's answers to our notify-retrieves need a free worker then.
+    session = _fuse.Session(fs, mountpoint, options, max_threads=64, max_idle_threads=16)
     fs.session = session
     stop = threading.Event()
 
@@ -99,10 +111,13 @@ def serve(zurl: str, mountpoint: str, *, pin_timeout: float = 30.0, debug: bool 
         raise
     loop_thread = threading.Thread(target=loop, name="wcfs-fuse", daemon=True)
     loop_thread.start()
+    dev = os.stat(mountpoint).st_dev
     raise_readahead(mountpoint)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     signal.signal(signal.SIGQUIT, on_sigquit)
+    # Dumped from the C signal handler: works even when the main thread is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("serving %s @%016x", mountpoint, fs.head)
 
     try:
@@ -112,10 +127,15 @@ def serve(zurl: str, mountpoint: str, *, pin_timeout: float = 30.0, debug: bool 
             stop.wait()
     finally:
         log.info('stop "%s" "%s"', mountpoint, zurl)
-        session.unmount()
-        loop_thread.join(timeout=10)
-        session.exit()
         fs.shutdown()
+        session.unmount()
+        session.exit()
+        loop_thread.join(timeout=2)
+        if loop_thread.is_alive():
+            # Still busy (a lazily detached mount whose clients hold files open):
+            # abort the connection so that the loop ends and clients get ENOTCONN.
+            abort_connection(dev)
+            loop_thread.join(timeout=5)
         zstor.close()
         if not loop_thread.is_alive():
             session.close()
