@@ -773,6 +773,11 @@ class Server:
         if self.entry is None:
             self.entry = find_mount(mnt)
         conn = self.entry
+        if conn is not None and self._abort_fd is None:
+            try:
+                self._open_abort()          # also pins the identity of the connection
+            except (OSError, RuntimeError, ValueError) as e:
+                log.warning("%s: cannot open the FUSE abort file: %s", mnt, e)
         log.info("stopping %s @ %s (server %s)", self.zurl, mnt,
                  f"pid{self.pid}" if self.pid is not None else "not found")
 
@@ -815,12 +820,17 @@ class Server:
                 log.info("pid%d: exited", proc.pid)
 
         # 3. the connection died with the server; its abort file is of no use now
+        # (but it still tells whether the connection itself is gone, see step 4)
+        conn_alive = self._conn_alive()
         self._close_abort()
 
         # 4. clients still on the dead connection must go, so that it can be
         # unmounted: restarting them beats leaving them on a dead mount.  The
-        # server may have detached the mount itself, so look by connection too.
-        users = mount_users(mnt, conn=conn, exclude=not_server)
+        # server may have detached the mount itself, so look by connection too --
+        # but only while that connection provably still exists: device numbers
+        # and mount ids are reused at once, and another mount's users must
+        # never be killed.
+        users = mount_users(mnt, conn=conn if conn_alive else None, exclude=not_server)
         if users:
             _log_users(mnt, users)
             _kill_all(list(users), budget(0.5))
@@ -840,6 +850,22 @@ class Server:
         except OSError as e:
             log.warning("%s: cannot remove mountpoint: %s", mnt, e)
         log.info("stopped %s @ %s", self.zurl, mnt)
+
+    def _conn_alive(self) -> bool:
+        """Whether the FUSE connection we attached to still exists.
+
+        Our abort file descriptor pins the fusectl inode of that connection;
+        once the connection dies its fusectl directory is removed (the inode
+        is unlinked) and a new connection with the same minor gets a new one.
+        """
+        if self._abort_fd is None or self.entry is None:
+            return False
+        try:
+            st = os.fstat(self._abort_fd)
+            cur = os.stat(fuse_abort_path(self.entry))
+            return st.st_nlink > 0 and cur.st_ino == st.st_ino
+        except OSError:
+            return False
 
     def _abort(self) -> None:
         if self._abort_fd is None:
