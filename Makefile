@@ -31,6 +31,7 @@ $(PY):
 
 # Python dependencies and an editable install of the project.
 .stamp-pip: .stamp-apt $(PY) pyproject.toml setup.py
+	$(PY) -m pip install -q 'Cython>=3.0' 'numpy>=1.24'
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
@@ -47,7 +48,7 @@ demo: build
 	$(PY) -m zbigarray.demo
 
 bench: build
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build .stamp-* wcfs/_fuse.c wcfs_client/_wcfs.cpp

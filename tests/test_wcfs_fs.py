@@ -39,8 +39,8 @@ def wcfs(fsdb, tmp_path):
     """A server over fsdb; created lazily so tests can populate the database first."""
     procs = []
 
-    def start(*options: str) -> WcfsProc:
-        p = WcfsProc(fsdb.zurl, str(tmp_path / "mnt"), *options)
+    def start(*options: str, env: dict | None = None) -> WcfsProc:
+        p = WcfsProc(fsdb.zurl, str(tmp_path / "mnt"), *options, env=env)
         procs.append(p)
         return p
     yield start
@@ -168,6 +168,25 @@ def test_rev_views(fsdb, wcfs):
         os.stat(srv.path(f"@{t2 + 10**9:016x}"))
     assert e.value.errno == errno.EINVAL
     assert srv.stats()["RevHead"] >= 2
+
+
+def test_idle_rev_views_are_forgotten(fsdb, wcfs):
+    zf = fsdb.new_file("zf", BS)
+    zf.storeblk(0, content(1))
+    t1 = fsdb.commit()
+    srv = wcfs(env={"WCFS_REV_IDLE": "1"})
+    zf.storeblk(0, content(2))
+    t2 = commit_and_wait(fsdb, srv)
+    assert read_file(fpath(srv, zf, t1)) == content(1)          # @t1 used, then closed
+    fd = os.open(fpath(srv, zf, t2), os.O_RDONLY)               # @t2 kept open
+    try:
+        assert srv.stats()["RevHead"] == 2
+        wait_until(lambda: srv.stats()["RevHead"] == 1, 10, "idle @rev forgotten")
+        assert os.pread(fd, BS, 0) == content(2)                # the open one still works
+        # A forgotten @rev comes back on demand.
+        assert read_file(fpath(srv, zf, t1)) == content(1)
+    finally:
+        os.close(fd)
 
 
 # --- page cache following commits ----------------------------------------------------

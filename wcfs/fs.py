@@ -77,7 +77,9 @@ FIRST_DYNAMIC_INO = 100
 
 S_IFDIR, S_IFREG = 0o040000, 0o100000
 ATTR_TIMEOUT = 1.0            # for nodes whose attributes we invalidate explicitly or never change
-REV_IDLE = 60.0               # forget an @rev view unused for this long
+# Forget an @rev view no open file uses after it was idle this long ($WCFS_REV_IDLE
+# overrides it: a tuning/test knob, not part of the public interface).
+REV_IDLE = float(os.environ.get("WCFS_REV_IDLE", "60"))
 HISTORY_WINDOW = 60.0         # keep at least this much history behind head (seconds)
 RETRIEVE_TIMEOUT = 5.0
 
@@ -963,7 +965,11 @@ class WCFS(_fuse.Operations):
     def run_zwatcher(self, stop: threading.Event) -> None:
         """Follow the storage and apply every commit until ``stop`` is set or the feed fails."""
         from .zstor import FeedError
+        next_gc = time.monotonic() + 1.0
         while not stop.is_set():
+            if time.monotonic() >= next_gc:
+                self._gc_revs()
+                next_gc = time.monotonic() + 1.0
             try:
                 commit = self.zstor.next_commit(0.2)
             except FeedError as exc:
@@ -981,7 +987,6 @@ class WCFS(_fuse.Operations):
                 return
             if self.debug:
                 self._zhead_publish(u64(commit.tid))
-            self._gc_revs()
 
     def _pause_uploads(self) -> None:
         """Take the head lock exclusively with no page-cache upload in flight (§3.7)."""
@@ -1133,10 +1138,11 @@ class WCFS(_fuse.Operations):
             for v in idle:
                 del self._revs[v.rev]
         for v in idle:
+            log.debug("forgetting idle @%s", hex16(v.rev))
             try:
                 self.session.notify_inval_entry(ROOT, f"@{hex16(v.rev)}".encode())
-            except OSError:
-                pass
+            except OSError as exc:
+                log.debug("@%s: inval entry: %s", hex16(v.rev), exc)
 
     # --- EIO mode ------------------------------------------------------------------
     def switch_to_eio(self, reason: str) -> None:
