@@ -84,6 +84,22 @@ HISTORY_WINDOW = 60.0         # keep at least this much history behind head (sec
 RETRIEVE_TIMEOUT = 5.0
 
 _HEX16 = re.compile(r"^[0-9a-fA-F]{16}$")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _gaps(size: int, covered: list[tuple[int, int]], page: int) -> list[tuple[int, int]]:
+    """Parts of [0, size) not covered by whole pages of ``covered`` ranges."""
+    full = sorted((-(-lo // page) * page, hi // page * page) for lo, hi in covered)
+    out, pos = [], 0
+    for lo, hi in full:
+        if lo >= hi:
+            continue
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < size:
+        out.append((pos, size))
+    return out
 
 
 def tid_time(tid: int) -> float:
@@ -113,6 +129,9 @@ class Loading:
     ready: threading.Event = field(default_factory=threading.Event)
     data: bytes | memoryview | None = None
     error: BaseException | None = None
+    # Block-relative ranges that READ replies deliver to the page cache anyway;
+    # the upload skips them (under BigFile.mu).
+    served: list[tuple[int, int]] = field(default_factory=list)
 
 
 class View:
@@ -593,10 +612,15 @@ class WCFS(_fuse.Operations):
         bs = f.blksize
         first, last = off // bs, (end - 1) // bs
         if first == last:
-            datas = [self._block(f, first)]
+            entries = [self._block(f, first)]
         else:
             futs = [self._loaders.submit(self._block, f, blk) for blk in range(first, last + 1)]
-            datas = [fut.result() for fut in futs]
+            entries = [fut.result() for fut in futs]
+        with f.mu:
+            for i, e in enumerate(entries):
+                bstart = (first + i) * bs
+                e.served.append((max(off, bstart) - bstart, min(end, bstart + bs) - bstart))
+        datas = [e.data for e in entries]
         if len(datas) == 1:
             data = datas[0]
             lo, hi = off - first * bs, end - first * bs
@@ -613,8 +637,11 @@ class WCFS(_fuse.Operations):
                 out[dst:dst + n] = memoryview(data)[lo:lo + n]
         req.reply_data(out)
 
-    def _block(self, f: BigFile, blk: int):
-        """Block ``blk`` of ``f`` (possibly shorter than blksize: zeros follow), loads de-duplicated."""
+    def _block(self, f: BigFile, blk: int) -> Loading:
+        """Loaded block ``blk`` of ``f``; ``.data`` may be shorter than blksize (zeros follow).
+
+        Concurrent loads of one block are de-duplicated.
+        """
         with f.mu:
             e = f.loading.get(blk)
             owner = e is None
@@ -624,7 +651,7 @@ class WCFS(_fuse.Operations):
             e.ready.wait()
             if e.error is not None:
                 raise FsError(errno.EIO, f"block #{blk}: {e.error}")
-            return e.data
+            return e
         try:
             e.data = self._load_block(f, blk)
         except BaseException as exc:
@@ -637,7 +664,7 @@ class WCFS(_fuse.Operations):
             raise FsError(errno.EIO, f"block #{blk}: {exc}") from exc
         e.ready.set()
         self._uploaders.submit(self._upload, f, blk, e)
-        return e.data
+        return e
 
     def _load_block(self, f: BigFile, blk: int):
         at = f.view.at()
@@ -668,13 +695,17 @@ class WCFS(_fuse.Operations):
                     with self._upload_cond:
                         self._uploads_inflight += 1
                 try:
-                    self._store_block(f.ino, blk * f.blksize, e.data, f.blksize)
+                    with f.mu:
+                        served = list(e.served)
+                    self._store_block(f.ino, blk * f.blksize, e.data, f.blksize, served)
                 finally:
                     with self._upload_cond:
                         self._uploads_inflight -= 1
                         self._upload_cond.notify_all()
             else:
-                self._store_block(f.ino, blk * f.blksize, e.data, f.blksize)
+                with f.mu:
+                    served = list(e.served)
+                self._store_block(f.ino, blk * f.blksize, e.data, f.blksize, served)
         except OSError as exc:
             log.debug("%s: block #%d: page-cache upload failed: %s", self._fpath(f), blk, exc)
         except Exception:
@@ -688,16 +719,24 @@ class WCFS(_fuse.Operations):
             if f.loading.get(blk) is e:
                 del f.loading[blk]
 
-    def _store_block(self, ino: int, off: int, data, blksize: int) -> None:
-        """Put a whole block into the page cache: its data, then the zero tail."""
+    def _store_block(self, ino: int, off: int, data, blksize: int,
+                     skip: list[tuple[int, int]] = ()) -> None:
+        """Put a whole block into the page cache, except the ranges in ``skip``.
+
+        ``skip`` are block-relative ranges that READ replies delivered already
+        (a sequential reader gets whole blocks that way: storing them again
+        would only double the copying).
+        """
         assert self.session is not None
-        n = len(data)
-        if n:
-            self.session.notify_store(ino, off, data)
-        while n < blksize:
-            chunk = min(blksize - n, len(self._zero))
-            self.session.notify_store(ino, off + n, memoryview(self._zero)[:chunk])
-            n += chunk
+        for lo, hi in _gaps(blksize, skip, PAGE):
+            n = len(data)
+            if lo < n:
+                self.session.notify_store(ino, off + lo, memoryview(data)[lo:min(hi, n)])
+            pos = max(lo, n)
+            while pos < hi:
+                chunk = min(hi - pos, len(self._zero))
+                self.session.notify_store(ino, off + pos, memoryview(self._zero)[:chunk])
+                pos += chunk
 
     # --- notify retrieve ------------------------------------------------------------
     def retrieve_reply(self, cookie, ino, offset, data):
