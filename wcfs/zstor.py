@@ -908,6 +908,12 @@ class _ZEOZStor(ZStor):
                 if tid <= last:
                     continue
                 missed.append(Commit(tid, frozenset(rec.oid for rec in txn)))
+            if first and last != z64:
+                # Nothing at or after the last delivered transaction: the server
+                # went back to an older database (e.g. a restored backup).
+                raise FeedError(f"{self.zurl}: after reconnecting, the server has nothing at or "
+                                f"after the last delivered transaction {last.hex()}; "
+                                "cannot continue without a gap")
         except ClientDisconnected as e:
             # Down again; the next reconnect retries (bounded by reconnect_timeout).
             log.info("%s: disconnected again while catching up: %s", self.zurl, e)
@@ -968,15 +974,23 @@ def _open_relstorage(zurl: str):
 
 
 class _RelZStor(ZStor):
-    """RelStorage (PostgreSQL, history-preserving): SQL polling feed,
-    per-thread storage instances for loads.
+    """RelStorage (PostgreSQL, history-preserving): SQL polling feed and a
+    bounded pool of storage instances for loads.
+
+    RelStorage instances are single-threaded, and each holds a database
+    connection.  Loads check an instance out of the pool and back in: the
+    number of connections stays bounded by ``MAX_LOAD_INSTANCES`` however many
+    threads load (libfuse creates and retires worker threads all the time; an
+    instance per thread would exhaust PostgreSQL's connection limit).
 
     Feed-thread-only: ``_last``, ``_pending``, ``_down_since``.
     ``_feed_lock`` protects the feed connection ``_conn``/``_cursor`` (used by
     the feed thread, closed by close()).  ``_delivered`` (int tid) is written
     by the feed thread and read by loaders (one reference assignment).
-    ``_inst_lock`` protects ``_instances``.
+    ``_pool_cond`` protects ``_idle`` and ``_ninst``.
     """
+
+    MAX_LOAD_INSTANCES = 8
 
     _NEW_TXNS = ('SELECT t.tid, t.packed, s.zoid FROM "transaction" t '
                  'LEFT JOIN object_state s ON s.tid = t.tid '
@@ -1006,40 +1020,57 @@ class _RelZStor(ZStor):
         self._delivered = head_int
         self._pending: collections.deque[Commit] = collections.deque()
         self._down_since: float | None = None
-        self._tls = threading.local()
-        self._inst_lock = threading.Lock()
-        self._instances: list = []
+        self._pool_cond = threading.Condition()
+        self._idle: list[list] = []      # [instance, last tid it was synced to]
+        self._ninst = 0                  # instances in existence (idle + checked out)
 
     # -- loads ---------------------------------------------------------------------
 
-    def _instance(self):
-        tls = self._tls
-        inst = getattr(tls, "inst", None)
-        if inst is None:
-            with self._inst_lock:
+    def _checkout(self) -> list:
+        with self._pool_cond:
+            while True:
                 if self._closed.is_set():
                     raise ZStorError(f"{self.zurl}: closed")
-                inst = self._storage.new_instance()
-                self._instances.append(inst)
-            tls.inst = inst
-            tls.seen = -1                # first use below syncs it
-        return inst, tls
+                if self._idle:
+                    return self._idle.pop()
+                if self._ninst < self.MAX_LOAD_INSTANCES:
+                    self._ninst += 1
+                    break
+                self._pool_cond.wait()
+        try:
+            return [self._storage.new_instance(), -1]   # -1: synced on first use
+        except BaseException:
+            with self._pool_cond:
+                self._ninst -= 1
+                self._pool_cond.notify()
+            raise
+
+    def _checkin(self, slot: list) -> None:
+        with self._pool_cond:
+            if not self._closed.is_set():
+                self._idle.append(slot)
+                self._pool_cond.notify()
+                return
+            self._ninst -= 1
+        slot[0].release()
 
     def load_before(self, oid: bytes, before: bytes) -> tuple[bytes, bytes, bytes | None]:
-        if self._closed.is_set():
-            raise ZStorError(f"{self.zurl}: closed")
-        inst, tls = self._instance()
-        want = self._delivered
+        slot = self._checkout()
         try:
-            if tls.seen < want:
-                inst.poll_invalidations()   # new snapshot: sees everything delivered
-                tls.seen = want
-            r = inst.loadBefore(oid, before)
-        except POSKeyError:
-            raise
-        except Exception:
-            tls.seen = -1                # resync (and reconnect) before the next load
-            raise
+            inst = slot[0]
+            want = self._delivered
+            try:
+                if slot[1] < want:
+                    inst.poll_invalidations()   # new snapshot: sees everything delivered
+                    slot[1] = want
+                r = inst.loadBefore(oid, before)
+            except POSKeyError:
+                raise
+            except Exception:
+                slot[1] = -1             # resync (and reconnect) before its next load
+                raise
+        finally:
+            self._checkin(slot)
         if r is None:                    # created later
             raise POSKeyError(oid)
         data, serial, next_serial = r
@@ -1138,9 +1169,11 @@ class _RelZStor(ZStor):
         if self._closed.is_set():
             return
         self._closed.set()
-        with self._inst_lock:
-            instances, self._instances = self._instances, []
-        for inst in instances:
+        with self._pool_cond:
+            idle, self._idle = self._idle, []
+            self._ninst -= len(idle)
+            self._pool_cond.notify_all()
+        for inst, _ in idle:
             try:
                 inst.release()
             except Exception as e:  # noqa: BLE001 - best effort while closing
