@@ -51,6 +51,8 @@ ZDATA = {"zbigarray.ZData", _WENDELIN + "ZData"}
 LOBTREE, LOBUCKET = "BTrees.LOBTree.LOBTree", "BTrees.LOBTree.LOBucket"
 IOBTREE, IOBUCKET = "BTrees.IOBTree.IOBTree", "BTrees.IOBTree.IOBucket"
 
+_CLASS_PREFIX = 512       # bytes enough for any class pickle of a record
+
 KEY_MIN = -(2**63)
 KEY_MAX = 2**63          # exclusive upper bound of int64 keys
 
@@ -114,13 +116,14 @@ _SHORT_BINSTRING, _BINSTRING = 0x55, 0x54
 _PROTO = 0x80
 
 
-def zblk0_payload(data: bytes, state_off: int) -> memoryview | None:
+def zblk0_payload(data, state_off: int) -> memoryview | None:
     """Slice the payload of a ZBlk0 state pickle starting at ``state_off``, without copying.
 
     Returns None if the state pickle is not the single-payload form that
     every known writer produces (the caller then unpickles it).
     """
     mv = memoryview(data)
+    data = mv
     pos = state_off
     if pos + 2 <= len(data) and data[pos] == _PROTO:
         pos += 2
@@ -137,8 +140,8 @@ def zblk0_payload(data: bytes, state_off: int) -> memoryview | None:
         return None
     end = start + n
     # The payload must be followed by an optional memo op and STOP, nothing else.
-    rest = data[end:end + 6]
-    if not rest.endswith(b".") or len(rest) > 6:
+    rest = bytes(data[end:end + 7])
+    if len(rest) > 6 or not rest.endswith(b"."):
         return None
     return mv[start:end]
 
@@ -359,16 +362,18 @@ class ZReader:
         Raises ZBlkError for data longer than ``blksize`` or malformed records.
         """
         data, serial, _ = self.load_before(zblk.oid, p64(at + 1))
-        u = _RawUnpickler(data)
+        # Classify from a prefix: the class pickle is short, and the payload
+        # (possibly a zero-copy view of the storage file) must not be copied.
+        u = _RawUnpickler(bytes(data[:_CLASS_PREFIX]))
         klass = u.load()
         klass = str(klass[0] if isinstance(klass, tuple) else klass)
         if klass in ZBLK0:
             # The unpickler leaves the stream right after the class pickle's STOP.
             payload = zblk0_payload(data, u.stream.tell())
             if payload is None:
-                payload = as_bytes(u.load())
+                payload = as_bytes(decode_record(data)[1])
         elif klass in ZBLK1:
-            chunktab = u.load()
+            chunktab = decode_record(data)[1]
             if not isinstance(chunktab, Ref):
                 raise DecodeError("ZBlk1: chunktab is not a persistent IOBTree")
             payload = self._load_zblk1(chunktab.oid, at, map_chunks)

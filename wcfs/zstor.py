@@ -66,6 +66,7 @@ from __future__ import annotations
 import abc
 import collections
 import logging
+import mmap
 import os
 import re
 import struct
@@ -146,7 +147,8 @@ class ZStor(abc.ABC):
     @abc.abstractmethod
     def load_before(self, oid: bytes, before: bytes) -> tuple[bytes, bytes, bytes | None]:
         """``(data, serial, next_serial)`` of the revision current just before
-        ``before``.  Raises POSKeyError if the object did not exist then
+        ``before``.  ``data`` is bytes-like: large FileStorage records come as
+        a read-only zero-copy ``memoryview``.  Raises POSKeyError if the object did not exist then
         (ObjectDeleted / HistoryLost when the storage can tell more).  Sees
         every transaction already delivered by next_commit.  ``next_serial``
         may name a transaction not delivered yet; ``None`` means no newer
@@ -273,6 +275,9 @@ def _check_fs_magic(magic: bytes, path: str) -> None:
                          f"expected one of {_MAGICS})")
 
 
+_MMAP_MIN = 256 * 1024     # records at least this big are served from a map of Data.fs
+
+
 def _pread_exact(fd: int, n: int, pos: int) -> bytes:
     data = os.pread(fd, n, pos)
     if len(data) == n:
@@ -324,6 +329,9 @@ class _FSGeneration:
             # Highest tid of the packed ('p') prefix; None = not computed yet.
             self._packed_tid: bytes | None = z64
             self._packed_lock = threading.Lock()   # protects computing _packed_tid
+            self._map: mmap.mmap | None = None     # read-only map of [0, _map_len)
+            self._map_len = 0
+            self._map_lock = threading.Lock()      # protects _map/_map_len (replacing a map)
             self._load_index_file()
             self._initial_scan()
         except BaseException:
@@ -339,6 +347,27 @@ class _FSGeneration:
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
+
+    def _payload(self, pos: int, n: int) -> bytes | memoryview:
+        """``n`` bytes at ``pos``: a zero-copy view of a map of the file for large records.
+
+        Block records (up to a few MiB) are served to the kernel straight
+        from the page cache of Data.fs this way, with no copy in between.  A
+        map only ever covers committed, complete transactions (nothing past
+        the indexed end), which FileStorage never truncates; a replaced file
+        (pack) is a new generation with its own map.  A map that grew stays
+        alive while views of it are used (the views reference it).
+        """
+        if n < _MMAP_MIN:
+            return _pread_exact(self.fd, n, pos)
+        end = pos + n
+        with self._map_lock:
+            m = self._map
+            if m is None or end > self._map_len:
+                length = max(end, self.pos)
+                m = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
+                self._map, self._map_len = m, length
+        return memoryview(m)[pos:end]
 
     # -- reading transactions --------------------------------------------------
 
@@ -559,7 +588,7 @@ class _FSGeneration:
         if plen:
             if DATA_HDR_LEN + plen <= len(buf):
                 return buf[DATA_HDR_LEN:DATA_HDR_LEN + plen], serial, next_serial
-            return _pread_exact(fd, plen, pos + DATA_HDR_LEN), serial, next_serial
+            return self._payload(pos + DATA_HDR_LEN, plen), serial, next_serial
         # No data here: a back pointer (undo) to an older record holding it,
         # or 0 = the object does not exist in this revision.
         back = u64(buf[DATA_HDR_LEN:DATA_HDR_LEN + 8]) if len(buf) >= DATA_HDR_LEN + 8 else 0
@@ -569,7 +598,7 @@ class _FSGeneration:
             if boid != oid:
                 raise CorruptedDataError(oid, bbuf[:DATA_HDR_LEN], back)
             if bplen:
-                return _pread_exact(fd, bplen, back + DATA_HDR_LEN), serial, next_serial
+                return self._payload(back + DATA_HDR_LEN, bplen), serial, next_serial
             back = u64(bbuf[DATA_HDR_LEN:])
         raise ObjectDeleted(oid, serial)
 
