@@ -55,7 +55,7 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait as futures_wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -213,7 +213,6 @@ class WCFS(_fuse.Operations):
         self._retrieves: dict[int, tuple[threading.Event, list]] = {}
         self._zero = bytes(1 << 21)
         self._head_cond = threading.Condition()    # notified when the head advances
-        self._pinners = ThreadPoolExecutor(max_workers=64, thread_name_prefix="wcfs-pin")
 
         self._next_ino = FIRST_DYNAMIC_INO
         self._inodes: dict[int, object] = {}      # dynamic ino -> BigFile | View
@@ -917,35 +916,42 @@ class WCFS(_fuse.Operations):
         raise FsError(errno.EINVAL, f"file epoch detected @{hex16(rev)} in between (at,head=@{hex16(head)}]")
 
     def _pin_many(self, w: Watch, todo: list[tuple[int, int | None]]) -> None:
-        """Send pins (rev None = @head) on one watch in parallel and wait for all."""
-        if not todo:
+        """Pins (rev None = @head) on one watch: all sent at once, then all awaited."""
+        self._run_pins([(w, blk, rev) for blk, rev in todo])
+
+    def _run_pins(self, pins: list[tuple[Watch, int, int | None]]) -> None:
+        """Send every pin, then wait for every reply (one deadline for all, §2.6)."""
+        if not pins:
             return
         deadline = time.monotonic() + self.pin_timeout
-        if len(todo) == 1:
-            self._pin(w, *todo[0], deadline)
-            return
-        futs = [self._pinners.submit(self._pin, w, blk, rev, deadline) for blk, rev in todo]
-        for fut in futs:
-            fut.result()
+        inflight = []
+        for w, blk, rev in pins:
+            revs = "head" if rev is None else hex16(rev)
+            with self._tab_mu:
+                self.stats["pin"] += 1
+            try:
+                sid, waiter = w.link.start_request(f"pin {w.file.oid:016x} #{blk} @{revs}")
+            except PinError as err:
+                self._pin_failed(w, blk, revs, err, deadline)
+                continue
+            inflight.append((w, blk, rev, revs, sid, waiter))
+        for w, blk, rev, revs, sid, waiter in inflight:
+            try:
+                reply = w.link.wait_reply(sid, waiter, deadline)
+                if reply != "ack":
+                    raise PinError("reply", f"expected ack; got {reply!r}")
+            except PinError as err:
+                self._pin_failed(w, blk, revs, err, deadline)
+                continue
+            with w.mu:
+                if rev is None:
+                    w.pinned.pop(blk, None)
+                else:
+                    w.pinned[blk] = rev
 
-    def _pin(self, w: Watch, blk: int, rev: int | None, deadline: float) -> None:
-        link, f = w.link, w.file
-        revs = "head" if rev is None else hex16(rev)
-        with self._tab_mu:
-            self.stats["pin"] += 1
-        try:
-            reply = link.request(f"pin {f.oid:016x} #{blk} @{revs}", deadline)
-            if reply != "ack":
-                raise PinError("reply", f"expected ack; got {reply!r}")
-        except PinError as err:
-            log.warning("pid%d: pin %s #%d @%s: %s", link.pid, hex16(f.oid), blk, revs, err)
-            link.pin_failed(blk, revs, err, deadline)
-            return
-        with w.mu:
-            if rev is None:
-                w.pinned.pop(blk, None)
-            else:
-                w.pinned[blk] = rev
+    def _pin_failed(self, w: Watch, blk: int, revs: str, err: PinError, deadline: float) -> None:
+        log.warning("pid%d: pin %s #%d @%s: %s", w.link.pid, hex16(w.file.oid), blk, revs, err)
+        w.link.pin_failed(blk, revs, err, deadline)
 
     def _pin_on_read(self, f: BigFile, blk: int, bound: int) -> None:
         """§2.5: before a head block leaves the server, lagging watchers pin it."""
@@ -953,7 +959,11 @@ class WCFS(_fuse.Operations):
             lagging = [w for w in f.watches if w.at < bound]
         if not lagging:
             return
-        head_rev, _ = self.history.blk_rev_at(f.zoid, blk, self.head)
+        last = self.history.lastrev(f.zoid, blk)
+        if last is not None and last[1]:
+            head_rev = last[0]                       # known exactly: no history walk
+        else:
+            head_rev, _ = self.history.blk_rev_at(f.zoid, blk, self.head)
         held, todo = [], []
         try:
             for w in lagging:
@@ -965,12 +975,8 @@ class WCFS(_fuse.Operations):
                 with w.mu:
                     if w.pinned.get(blk) == rev:
                         continue
-                todo.append((w, rev))
-            deadline = time.monotonic() + self.pin_timeout
-            if len(todo) == 1:
-                self._pin(todo[0][0], blk, todo[0][1], deadline)
-            elif todo:
-                futures_wait([self._pinners.submit(self._pin, w, blk, rev, deadline) for w, rev in todo])
+                todo.append((w, blk, rev))
+            self._run_pins(todo)
         finally:
             for w in held:
                 w.atlock.release_shared()
@@ -1206,6 +1212,5 @@ class WCFS(_fuse.Operations):
     def shutdown(self) -> None:
         for link in self._links():
             link.shutdown("filesystem stopping", control=None, graceful=True)
-        self._pinners.shutdown(wait=False, cancel_futures=True)
         self._loaders.shutdown(wait=False, cancel_futures=True)
         self._uploaders.shutdown(wait=False, cancel_futures=True)

@@ -267,8 +267,13 @@ class WatchLink:
             self.send(f"{stream} {reply}")
 
     # --- server requests ----------------------------------------------------------------
-    def request(self, payload: str, deadline: float) -> str:
-        """Send a server request and wait for the reply until ``deadline`` (monotonic)."""
+    def start_request(self, payload: str) -> tuple[int, "_Waiter"]:
+        """Send a server request; the reply is awaited with ``wait_reply``.
+
+        Split in two so that a caller can put many requests in flight (pins
+        to several watchers, or many pins of one setup) and then wait for
+        all: they travel concurrently without a thread per request.
+        """
         w = _Waiter()
         with self.mu:
             if self.down:
@@ -278,6 +283,10 @@ class WatchLink:
             self.pending[sid] = w
             parked = self._send_locked(f"{sid} {payload}")
         self._answer_parked(parked)
+        return sid, w
+
+    def wait_reply(self, sid: int, w: "_Waiter", deadline: float) -> str:
+        """The reply to request ``sid``, waiting until ``deadline`` (monotonic)."""
         if not w.event.wait(max(0.0, deadline - time.monotonic())):
             with self.mu:
                 self.pending.pop(sid, None)
@@ -285,6 +294,11 @@ class WatchLink:
         if w.error is not None:
             raise w.error
         return w.reply or ""
+
+    def request(self, payload: str, deadline: float) -> str:
+        """Send a server request and wait for the reply until ``deadline`` (monotonic)."""
+        sid, w = self.start_request(payload)
+        return self.wait_reply(sid, w, deadline)
 
     # --- shutdown ----------------------------------------------------------------------
     def protocol_error(self, why: str) -> None:
