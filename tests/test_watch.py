@@ -534,3 +534,54 @@ def test_mixed_stress_no_deadlock(env):
     assert not errors, errors
     assert ncommits > 3
     assert srv.stats()["pinkill"] == 0
+
+
+# --- more processes, interrupted readers, unkillable clients ----------------------------
+
+def test_two_processes_at_different_at(env):
+    zf, foid, t0 = setup_file(env, 2)
+    srv = env.start()
+    p = env.path(zf)
+    read_file(p, 0, 1)
+    zf.storeblk(1, content(31))
+    t1 = env.commit()
+    a = start_child(env, "ack", foid, t0)
+    b = start_child(env, "ack", foid, t1)
+    try:
+        zf.storeblk(1, content(32))
+        env.commit()
+        assert read_file(p, BS, 16) == content(32)[:16]       # completes: both acked
+        pa = a.stdout.readline().split()
+        pb = b.stdout.readline().split()
+        # Each gets the block's revision as of its own at.
+        assert pa[:4] == ["pin", "pin", f"{foid:016x}", "#1"] and pa[4] == f"@{t0:016x}"
+        assert pb[:4] == ["pin", "pin", f"{foid:016x}", "#1"] and pb[4] == f"@{t1:016x}"
+        assert srv.stats()["PinnedBlk"] == 2 and srv.stats()["pinkill"] == 0
+    finally:
+        for c in (a, b):
+            c.kill()
+            c.wait(10)
+
+
+def test_pin_not_cancelled_by_interrupted_read(env):
+    """The reader dies while its read waits for a pin: the pin still completes."""
+    zf, foid, t0 = setup_file(env, 2)
+    srv = env.start()
+    p = env.path(zf)
+    read_file(p, 0, 1)
+    wl = env.link()
+    assert wl.watch(foid, t0) == ("ok", [])
+    zf.storeblk(1, content(40))
+    env.commit()
+    reader = read_in_child(p, BS)
+    req = wl.recv_req(timeout=10)
+    reader.kill()                                      # interrupts its pending READ
+    reader.wait(10)
+    time.sleep(0.2)
+    wl.reply(req)                                      # the pin is still awaited and recorded
+    wait_until(lambda: srv.stats()["PinnedBlk"] == 1, 5, "pin recorded")
+    assert srv.stats()["pinkill"] == 0
+    # The block is served to the next reader without a second pin.
+    assert read_file(p, BS, 16) == content(40)[:16]
+    with pytest.raises(Exception):
+        wl.recv_req(timeout=0.3)
