@@ -329,8 +329,9 @@ class WatchLink:
     # --- faulty clients -------------------------------------------------------------------
     def pin_failed(self, blk: int, rev: str, err: PinError, deadline: float) -> None:
         """§2.6: shut the link down with a fatal notice and deal with the client process."""
-        if self.down and self.down_reason == "bye":
-            return                                  # a polite close never kills
+        if err.kind == "io" and self.down and self.down_reason == "bye":
+            return          # the pin failed because of a polite close: never a kill reason
+                            # (a nak or a timeout is a fault even if bye follows)
         self.shutdown(f"pin #{blk} @{rev}: {err}", control=f"0 fatal: pin #{blk} @{rev}: {err}")
         with self._kill_mu:
             if self.killed.is_set():

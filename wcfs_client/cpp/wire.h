@@ -24,6 +24,10 @@ constexpr uint64_t TidHead = ~uint64_t(0);
 // Longest payload the client accepts from the server (WCFS.md §2.2).
 constexpr std::size_t kMaxPayload = 246;
 
+// Longest line (without its LF) the client accepts: a 20-digit stream id, a
+// space and the longest payload.  The receiver fails the link beyond it.
+constexpr std::size_t kMaxLine = 20 + 1 + kMaxPayload;
+
 // hex16 formats v as exactly 16 lowercase hex digits.
 std::string hex16(uint64_t v);
 
@@ -44,6 +48,8 @@ struct PinReq {
     int64_t blk = 0;
     uint64_t at = TidHead;   // TidHead for "@head" (unpin)
     std::string msg;         // raw payload, for diagnostics
+    std::string err;         // set by the watch link when msg is not a valid pin request
+    int64_t rx_ns = 0;       // monotonic time the watch link received the line
 };
 
 // parse_pin parses the payload of a server request on an even stream.
