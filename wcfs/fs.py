@@ -66,7 +66,7 @@ from ZODB.utils import p64, u64
 from . import _fuse
 from .history import History
 from .rwlock import RWLock
-from .watch import PinError, Watch, WatchLink, go_duration, kill_faulty, proc_alive, wait_gone
+from .watch import PinError, Watch, WatchLink, go_duration, hex16, kill_faulty, proc_alive, wait_gone
 from .zobj import ZReader
 
 log = logging.getLogger("wcfs")
@@ -109,10 +109,6 @@ def tid_time(tid: int) -> float:
 
 def tid_ns(tid: int) -> int:
     return int(tid_time(tid) * 1e9)
-
-
-def hex16(v: int) -> str:
-    return f"{v:016x}"
 
 
 class FsError(Exception):

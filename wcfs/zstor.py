@@ -177,6 +177,21 @@ class ZStor(abc.ABC):
     def close(self) -> None:
         """Release resources; idempotent; wakes a blocked next_commit."""
 
+    _poll_interval: float
+    _closed: threading.Event
+
+    def _pause(self, deadline: float | None) -> bool:
+        """Sleep one poll interval (less if ``deadline`` is nearer, woken by close);
+        False if the deadline has passed."""
+        wait = self._poll_interval
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            wait = min(wait, left)
+        self._closed.wait(wait)
+        return True
+
     def __enter__(self) -> "ZStor":
         return self
 
@@ -655,13 +670,8 @@ class _FileZStor(ZStor):
                                 f"{self._last.hex()} failed: {e}") from e
             if self._pending:
                 continue
-            wait = self._poll_interval
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                wait = min(wait, left)
-            self._closed.wait(wait)
+            if not self._pause(deadline):
+                return None
 
     def _poll(self, gen: _FSGeneration) -> None:
         try:
@@ -1186,13 +1196,8 @@ class _RelZStor(ZStor):
                                     f"{p64(self._last).hex()}: {e}") from e
             if self._pending:
                 continue
-            wait = self._poll_interval
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                wait = min(wait, left)
-            self._closed.wait(wait)
+            if not self._pause(deadline):
+                return None
 
     def close(self) -> None:
         if self._closed.is_set():
