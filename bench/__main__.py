@@ -30,12 +30,12 @@ import time
 import traceback
 from types import ModuleType
 
-from . import cache_retention, pin_rtt, read_cold, read_warm, watch_setup
+from . import cache_retention, client, pin_rtt, read_cold, read_warm, watch_setup
 from .common import Context, Report, fmt_num, machine_info, tune_malloc, unmount, is_mounted
 
 log = logging.getLogger("bench")
 
-REGISTRY: list[ModuleType] = [read_cold, read_warm, cache_retention, pin_rtt, watch_setup]
+REGISTRY: list[ModuleType] = [read_cold, read_warm, cache_retention, pin_rtt, watch_setup, client]
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in REGISTRY}
 
 
