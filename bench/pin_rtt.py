@@ -205,4 +205,4 @@ def run(ctx: Context) -> Report:
 if __name__ == "__main__":
     if sys.argv[1:] == ["reader"]:
         sys.exit(reader_main())
-    sys.exit(f"usage: python -m bench.pin_rtt reader  (the benchmark runs from python -m bench)")
+    sys.exit("usage: python -m bench.pin_rtt reader  (the benchmark runs from python -m bench)")

@@ -81,7 +81,7 @@ def open_plain_storage(zurl: str):
 
 def plain_baseline_once(zurl: str, at: int, blksize: int, refs: list, buf: np.ndarray) -> float:
     """Storage ``loadBefore`` of every block record + copy of its payload into ``buf``; GB/s."""
-    from wcfs.zobj import ZBLK0, record_class, zblk0_payload, _RawUnpickler
+    from wcfs.zobj import record_class, zblk0_payload, _RawUnpickler
     st = open_plain_storage(zurl)
     try:
         dst = memoryview(buf)

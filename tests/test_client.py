@@ -25,7 +25,7 @@ from ZODB.utils import p64
 
 import wcfs_client
 import wcfs_env
-from wcfs_env import WcfsProc, WriterDB, wait_until
+from wcfs_env import WcfsProc, WriterDB, stop_autostarted, wait_until
 from wcfs import mgmt
 
 BS = 64 * 1024
@@ -165,7 +165,7 @@ def test_isolation_while_writer_commits(env):
     zf.storeblk(0, content(10))
     zf.storeblk(2, content(12))
     zf.storeblk(5, content(15))           # grows the file to 6 blocks
-    t1 = env.commit()
+    env.commit()
     zf.storeblk(2, content(22))
     t2 = env.commit()
 
@@ -615,19 +615,7 @@ def joined(tmp_path):
         for wc in wcs:
             for _ in range(wc._njoin):
                 wc.close()
-        mnt = mgmt.mountpoint_for(db.zurl, create=False)
-        with wcfs_client._mu:
-            ours = [s for s in wcfs_client._autostarted if s.mountpoint == mnt]
-            for s in ours:
-                wcfs_client._autostarted.remove(s)
-        for s in ours:
-            s.stop()
-        if mgmt.find_mount(mnt) is not None:
-            mgmt.unmount(mnt)
-        try:
-            os.rmdir(mnt)
-        except FileNotFoundError:
-            pass
+        stop_autostarted(mgmt.mountpoint_for(db.zurl, create=False))
         db.close()
 
 

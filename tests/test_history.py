@@ -120,7 +120,7 @@ def test_hole_becomes_data_and_splits(env):
     # Deleting keys (bucket merges / removals).
     for k in range(1, 150):
         del env.zf.blktab[k]
-    t5 = env.commit()
+    env.commit()
     assert env.advance() == {5, 100}
     assert sorted(env.hist.changed_since(env.foid, t3)) == [5, 100]
     assert sorted(env.hist.changed_since(env.foid, t1)) == [5, 100, 200]
@@ -142,7 +142,7 @@ def test_track_after_change_is_found_by_changed_since(env):
 
 def test_forget_past(env):
     env.zf.storeblk(0, data(0))
-    t1 = env.commit()
+    env.commit()
     env.advance()
     env.read(0)
     env.zf.storeblk(0, data(1))

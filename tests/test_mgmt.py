@@ -570,7 +570,6 @@ def test_stop_kills_clients(fake, reaper, caplog):
 @pytest.mark.timeout(180)
 def test_real_server_start_status_stop(tmp_path, reaper, monkeypatch):
     pytest.importorskip("wcfs.server")
-    import transaction
     import ZODB
     from ZODB.FileStorage import FileStorage
 

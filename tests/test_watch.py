@@ -5,7 +5,6 @@ always acks.  Faulty clients run in child processes: the server kills them.
 """
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess

@@ -17,8 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from wcfs_env import (WcfsProc, WriterDB, block_resident, block_uncached, read_file, resident_pages,
-                      wait_until)
+from wcfs_env import WcfsProc, WriterDB, block_resident, block_uncached, read_file, wait_until
 
 BS = 64 * 1024          # blksize used by most tests (a multiple of the page size)
 

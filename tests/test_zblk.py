@@ -1,7 +1,6 @@
 """ZBigFile block formats: round trips, holes, format choice, pickle layout."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

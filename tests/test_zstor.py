@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 from typing import Callable
@@ -22,9 +21,7 @@ import pytest
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64, u64
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from zfixtures import *  # noqa: E402,F401,F403
-from zfixtures import Writer  # noqa: E402
+from zfixtures import Writer  # noqa: E402  (fixtures come from conftest)
 
 from wcfs import zstor  # noqa: E402
 from wcfs.zstor import (Commit, FeedError, HistoryLost, ObjectDeleted,  # noqa: E402

@@ -8,7 +8,6 @@ RelStorage against a real PostgreSQL cluster.
 from __future__ import annotations
 
 import gc
-import os
 import threading
 
 import numpy as np
@@ -25,7 +24,7 @@ import wcfs_client
 from wcfs import mgmt
 from wcfs_client import zsync
 from wcfs_client.zsync import wconn_of, zconn_at, zurl_of
-from wcfs_env import wait_until
+from wcfs_env import stop_autostarted, wait_until
 from zbigarray import ZBigFile
 
 BS = 64 * 1024
@@ -50,22 +49,6 @@ def conn_closed(wconn, foid: bytes) -> bool:
         assert "connection closed" in str(e)
         return True
     return False
-
-
-def stop_autostarted(mnt: str) -> None:
-    """Stop the servers this process autostarted on `mnt`; leave no mount behind."""
-    with wcfs_client._mu:
-        ours = [s for s in wcfs_client._autostarted if s.mountpoint == mnt]
-        for s in ours:
-            wcfs_client._autostarted.remove(s)
-    for s in ours:
-        s.stop()
-    if mgmt.find_mount(mnt) is not None:
-        mgmt.unmount(mnt)
-    try:
-        os.rmdir(mnt)
-    except FileNotFoundError:
-        pass
 
 
 class ZEnv:

@@ -240,5 +240,23 @@ def block_uncached(path: str, blk: int, blksize: int) -> bool:
     return not any(resident_pages(path, blk * blksize, blksize))
 
 
-__all__ = ["WriterDB", "WcfsProc", "wait_until", "is_mounted", "force_unmount", "read_file",
+def stop_autostarted(mnt: str) -> None:
+    """Stop the servers this process autostarted (wcfs_client.join) on ``mnt``; no mount left."""
+    import wcfs_client
+    from wcfs import mgmt
+    with wcfs_client._mu:
+        ours = [s for s in wcfs_client._autostarted if s.mountpoint == mnt]
+        for s in ours:
+            wcfs_client._autostarted.remove(s)
+    for s in ours:
+        s.stop()
+    if mgmt.find_mount(mnt) is not None:
+        mgmt.unmount(mnt)
+    try:
+        os.rmdir(mnt)
+    except FileNotFoundError:
+        pass
+
+
+__all__ = ["WriterDB", "WcfsProc", "stop_autostarted", "wait_until", "is_mounted", "force_unmount", "read_file",
            "resident_pages", "block_resident", "block_uncached", "errno"]

@@ -903,9 +903,9 @@ class WCFS(_fuse.Operations):
     def _check_no_epoch(self, f: BigFile, at: int, head: int) -> None:
         """The ZBigFile must have the same blksize and blktab in (at, head]."""
         try:
-            state, serial = self.reader.zbigfile(f.zoid, at)
+            state, _ = self.reader.zbigfile(f.zoid, at)
         except Exception:
-            state, serial = None, None
+            state = None
         if state == (f.blksize, f.root):
             return
         _, rev = self.reader.zbigfile(f.zoid, head)

@@ -121,7 +121,6 @@ def _open_attach(mnt: str, timeout: float) -> tuple[int, str]:
     abandoned = False
 
     def attach() -> None:
-        nonlocal abandoned
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
