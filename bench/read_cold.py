@@ -79,14 +79,28 @@ def open_plain_storage(zurl: str):
     raise ValueError(f"no plain storage for {zurl}")
 
 
+def _timed_copy(payloads, nblocks: int, blksize: int, buf: np.ndarray) -> float:
+    """Copy each payload (zero-padded to blksize) into ``buf``; GB/s of the whole loop.
+
+    ``payloads`` is a generator: loading the records happens inside the timing.
+    """
+    dst = memoryview(buf)
+    t0 = time.perf_counter()
+    for payload in payloads:
+        n = len(payload)
+        dst[:n] = payload
+        if n < blksize:
+            dst[n:blksize] = bytes(blksize - n)
+    return blksize * nblocks / (time.perf_counter() - t0) / 1e9
+
+
 def plain_baseline_once(zurl: str, at: int, blksize: int, refs: list, buf: np.ndarray) -> float:
     """Storage ``loadBefore`` of every block record + copy of its payload into ``buf``; GB/s."""
     from wcfs.zobj import record_class, zblk0_payload, _RawUnpickler
     st = open_plain_storage(zurl)
-    try:
-        dst = memoryview(buf)
-        before = p64(at + 1)
-        t0 = time.perf_counter()
+    before = p64(at + 1)
+
+    def payloads():
         for ref in refs:
             data, _, _ = st.loadBefore(ref.oid, before)
             u = _RawUnpickler(data[:512])
@@ -94,14 +108,11 @@ def plain_baseline_once(zurl: str, at: int, blksize: int, refs: list, buf: np.nd
             payload = zblk0_payload(data, u.stream.tell())
             if payload is None:
                 raise RuntimeError(f"{ref.oid.hex()}: not a ZBlk0 record ({record_class(data)})")
-            n = len(payload)
-            dst[:n] = payload
-            if n < blksize:
-                dst[n:blksize] = bytes(blksize - n)
-        dt = time.perf_counter() - t0
+            yield payload
+    try:
+        return _timed_copy(payloads(), len(refs), blksize, buf)
     finally:
         st.close()
-    return blksize * len(refs) / dt / 1e9
 
 
 def baseline_once(zurl: str, at: int, blksize: int, refs: list, buf: np.ndarray) -> float:
@@ -109,20 +120,11 @@ def baseline_once(zurl: str, at: int, blksize: int, refs: list, buf: np.ndarray)
     from wcfs.zobj import ZReader
     from wcfs.zstor import open_zstor
     st = open_zstor(zurl)
+    reader = ZReader(st.load_before)
     try:
-        reader = ZReader(st.load_before)
-        dst = memoryview(buf)
-        t0 = time.perf_counter()
-        for ref in refs:
-            payload, _ = reader.load_block(ref, at, blksize)
-            n = len(payload)
-            dst[:n] = payload
-            if n < blksize:
-                dst[n:blksize] = bytes(blksize - n)
-        dt = time.perf_counter() - t0
+        return _timed_copy((reader.load_block(ref, at, blksize)[0] for ref in refs), len(refs), blksize, buf)
     finally:
         st.close()
-    return blksize * len(refs) / dt / 1e9
 
 
 class Cpu:

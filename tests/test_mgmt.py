@@ -25,6 +25,7 @@ import pytest
 from wcfs import mgmt
 from wcfs.__main__ import main
 from wcfs.log import WcfsFormatter, parse_level
+from wcfs_env import wait_until
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -237,17 +238,6 @@ def test_log_format():
 
 # ---------------------------------------------------------------------------
 # end to end: real FUSE mounts served by `python -m wcfs serve` processes
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
 
 class Reaper:
     """What a test started -- mounts and processes -- torn down even if the test failed.
