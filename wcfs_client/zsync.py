@@ -379,6 +379,21 @@ def _run_worker() -> None:
             log.exception("wcfs: zsync release job failed")
 
 
+def defer(job: Callable[[], None]) -> None:
+    """Run ``job()`` later on the release thread.
+
+    Only queues: safe from finalizers and weakref callbacks, which must not
+    talk to the server or start threads.  Call ``ensure_release_thread()``
+    beforehand from ordinary code.
+    """
+    _jobs.put(job)
+
+
+def ensure_release_thread() -> None:
+    """Start the release thread if it is not running (not from a finalizer)."""
+    _ensure_worker()
+
+
 def _ensure_worker() -> None:
     global _worker
     with _worker_mu:

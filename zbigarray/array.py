@@ -11,6 +11,12 @@ axis for F order.  ``resize`` only changes the shape (O(1)): growing exposes
 zeros, shrinking keeps the data beyond the new end in the file, where a later
 growth shows it again, exactly like the reference.
 
+Views: ``A[idx]`` is a real numpy.ndarray over WCFS-mapped memory of the
+file as of the array's ZODB connection (``zbigarray.view``; read-only for now,
+so ``A[idx] = v`` raises numpy's "assignment destination is read-only").  The
+per-ZBigFile view handle lives in ``zfile._v_wcfs_view``; volatile state of the
+array itself is dropped on every (re)load.
+
 Guarantees: object dtypes are rejected (their bytes are pointers); ``append``
 either fully succeeds or leaves the shape unchanged.
 
@@ -24,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import view
 from .file import LivePersistent, ZBigFile
 
 log = logging.getLogger("zbigarray")
@@ -127,6 +134,14 @@ class ZBigArray(LivePersistent):
 
     def __repr__(self) -> str:
         return f"<ZBigArray shape={self._shape} dtype={self._dtype} order={self._order}>"
+
+    # --- views (WCFS) ---------------------------------------------------------
+    def __getitem__(self, idx):
+        """A read-only ndarray view of ``idx`` (basic index) or numpy's copy (advanced index)."""
+        return view.getitem(self, idx)
+
+    def __setitem__(self, idx, value) -> None:
+        view.setitem(self, idx, value)
 
     # --- growth --------------------------------------------------------------
     def resize(self, new_shape) -> None:
