@@ -152,3 +152,23 @@ def test_forget_past(env):
     assert env.hist.tail == t2
     assert env.hist.changed_since(env.foid, t2) == []
     assert env.hist.blk_rev_at(env.foid, 0, t2) == (t2, False)   # at the tail: upper bound
+
+
+def test_node_cache_forgets_superseded_revisions(env):
+    """Entries no longer current at the tail are dropped; loads stay correct at any state."""
+    for k in range(3):
+        env.zf.storeblk(k, data(k))
+    t1 = env.commit()
+    env.advance()
+    env.read(0)
+    nodes = env.reader.nodes
+    root_t1 = env.reader.lookup(env.root, 0, t1).path[0]
+    env.zf.storeblk(5, data(5))                  # changes the (inline) root bucket
+    t2 = env.commit()
+    env.advance()
+    env.read(5)
+    n_before = len(nodes)
+    nodes.forget_before(t2)
+    assert len(nodes) < n_before                 # the t1 revision of the root is gone
+    assert env.reader.lookup(env.root, 0, t1).path[0] == root_t1      # reloaded on demand
+    assert env.reader.lookup(env.root, 5, t2).zblk is not None

@@ -1010,6 +1010,9 @@ class WCFS(_fuse.Operations):
         while not stop.is_set():
             if time.monotonic() >= next_gc:
                 self._gc_revs()
+                # Decoded nodes superseded before the history tail: reloaded on demand
+                # by the rare view that still needs them (a scan, so not per commit).
+                self.reader.nodes.forget_before(self.history.tail)
                 next_gc = time.monotonic() + 1.0
             try:
                 commit = self.zstor.next_commit(0.2)

@@ -143,11 +143,6 @@ class History:
                 f.lastrev[blk] = (bound, False)
                 insort(f.events, (bound, blk))
 
-    def is_tracked(self, file_oid: bytes, blk: int) -> bool:
-        with self._mu:
-            f = self._files.get(file_oid)
-            return f is not None and blk in f.zblk_of
-
     # --- commits --------------------------------------------------------------
     def update(self, tid: int, oids: Iterable[bytes]) -> dict[bytes, FileDelta]:
         """Apply commit ``tid``: return per tracked file what changed.
